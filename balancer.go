@@ -4,13 +4,29 @@ import (
 	"maps"
 	"sync"
 	"sync/atomic"
+	"time"
+)
+
+// Passive health: a node that fails downAfter times in a row is skipped by
+// tag routing for a cooldown that starts at minCooldown and doubles with
+// every further failure, up to maxCooldown. One success clears it.
+const (
+	downAfter   = 3
+	minCooldown = 5 * time.Second
+	maxCooldown = 60 * time.Second
 )
 
 // nodeLoad is the live state of one node, shared by every key that routes to it.
 type nodeLoad struct {
-	host     string
-	inFlight atomic.Int64 // requests forwarded to the node and not yet finished
+	host       string
+	inFlight   atomic.Int64 // requests forwarded to the node and not yet finished
+	failures   atomic.Int64 // consecutive failures before a response
+	downUntil  atomic.Int64 // unix ns until which tag routing skips the node; 0 when up
+	lastFailed atomic.Int64 // unix ns of the last failure
 }
+
+// cooling reports whether tag routing should skip n at now.
+func (n *nodeLoad) cooling(now int64) bool { return n.downUntil.Load() > now }
 
 // balancer chooses nodes and counts the requests in flight on each.
 //
@@ -61,26 +77,82 @@ func (b *balancer) release(n *nodeLoad) {
 }
 
 // pickLeastBusy returns the index in hosts of the node with the fewest
-// requests in flight, already acquired. Ties go to the first tied node at or
-// after a cursor that advances on every call, so that sequential requests
-// rotate over idle nodes instead of always hitting the first one.
-// hosts must not be empty.
-func (b *balancer) pickLeastBusy(hosts []string) (int, *nodeLoad) {
+// requests in flight, already acquired, or -1 and nil when every host is in
+// skip. Nodes cooling down after failures are passed over; when all the
+// others are cooling, the one that failed longest ago is tried anyway. Ties
+// go to the first tied node at or after a cursor that advances on every
+// call, so that sequential requests rotate over idle nodes instead of always
+// hitting the first one.
+func (b *balancer) pickLeastBusy(hosts []string, now time.Time, skip []*nodeLoad) (int, *nodeLoad) {
+	if len(hosts) == 0 {
+		return -1, nil
+	}
 	start := int(b.turn.Add(1) % uint64(len(hosts)))
-	best, bestLoad := -1, (*nodeLoad)(nil)
-	var bestCount int64
+	nowNS := now.UnixNano()
+	best, cool := -1, -1
+	var bestLoad, coolLoad *nodeLoad
+	var bestCount, coolFailed int64
 	for j := range hosts {
 		i := start + j
 		if i >= len(hosts) {
 			i -= len(hosts)
 		}
 		n := b.load(hosts[i])
+		if skipped(skip, n) {
+			continue
+		}
+		if n.cooling(nowNS) {
+			if f := n.lastFailed.Load(); cool < 0 || f < coolFailed {
+				cool, coolLoad, coolFailed = i, n, f
+			}
+			continue
+		}
 		if c := n.inFlight.Load(); best < 0 || c < bestCount {
 			best, bestLoad, bestCount = i, n, c
 		}
 	}
-	bestLoad.inFlight.Add(1)
+	if best < 0 {
+		best, bestLoad = cool, coolLoad
+	}
+	if bestLoad != nil {
+		bestLoad.inFlight.Add(1)
+	}
 	return best, bestLoad
+}
+
+func skipped(skip []*nodeLoad, n *nodeLoad) bool {
+	for _, s := range skip {
+		if s == n {
+			return true
+		}
+	}
+	return false
+}
+
+// failed records that n failed before answering. It returns the cooldown
+// when n is down (from the downAfter-th failure in a row on), 0 otherwise,
+// and whether this failure is the one that took n down.
+func (b *balancer) failed(n *nodeLoad, now time.Time) (cooldown time.Duration, wentDown bool) {
+	n.lastFailed.Store(now.UnixNano())
+	f := n.failures.Add(1)
+	if f < downAfter {
+		return 0, false
+	}
+	cooldown = maxCooldown
+	if shift := f - downAfter; shift < 4 {
+		cooldown = min(minCooldown<<shift, maxCooldown)
+	}
+	n.downUntil.Store(now.Add(cooldown).UnixNano())
+	return cooldown, f == downAfter
+}
+
+// succeeded records that n answered; it reports whether n was down.
+func (b *balancer) succeeded(n *nodeLoad) bool {
+	if n.failures.Load() == 0 { // the common case costs one atomic load
+		return false
+	}
+	n.failures.Store(0)
+	return n.downUntil.Swap(0) != 0
 }
 
 // inFlight reports the requests in flight on host (0 for an unknown host).

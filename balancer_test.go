@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"sync"
 	"testing"
+	"time"
 )
 
 func TestPickLeastBusy(t *testing.T) {
@@ -13,7 +14,7 @@ func TestPickLeastBusy(t *testing.T) {
 	// Idle nodes take turns.
 	counts := map[string]int{}
 	for range 300 {
-		i, n := b.pickLeastBusy(hosts)
+		i, n := b.pickLeastBusy(hosts, time.Now(), nil)
 		counts[hosts[i]]++
 		b.release(n)
 	}
@@ -26,7 +27,7 @@ func TestPickLeastBusy(t *testing.T) {
 	// The least busy node wins whatever the cursor says.
 	busy := []*nodeLoad{b.acquire("a:1"), b.acquire("a:1"), b.acquire("b:1")}
 	for range 10 {
-		i, n := b.pickLeastBusy(hosts)
+		i, n := b.pickLeastBusy(hosts, time.Now(), nil)
 		if hosts[i] != "c:1" {
 			t.Fatalf("picked %s with a=2 b=1 c=0", hosts[i])
 		}
@@ -52,7 +53,7 @@ func TestPickLeastBusyConcurrent(t *testing.T) {
 	for range 8 {
 		wg.Go(func() {
 			for range 2000 {
-				_, n := b.pickLeastBusy(hosts)
+				_, n := b.pickLeastBusy(hosts, time.Now(), nil)
 				b.release(n)
 			}
 		})

@@ -28,13 +28,16 @@ const (
 	defaultMissRefetchAfter = 5 * time.Second
 	// maxWorkloadsBody caps the Comput3 answer read into memory.
 	maxWorkloadsBody = 8 << 20
-	// defaultFetchTimeout bounds one workloads fetch, shared by its waiters.
-	defaultFetchTimeout = 10 * time.Second
+	// defaultRejectFor is how long a key the API rejected gets 401 without a call.
+	defaultRejectFor = 30 * time.Second
+	// maxRejected bounds the memory of rejected keys (about 100 bytes each).
+	maxRejected = 1 << 17
 )
 
 var (
 	errKeyRejected    = errors.New("the Comput3 API rejected the key")
 	errAPIUnavailable = errors.New("the Comput3 API failed")
+	errTooManyKeys    = errors.New("too many API keys in use: try again later")
 )
 
 // workload is the part of a Comput3 workload that routing needs;
@@ -220,6 +223,7 @@ func await(ctx context.Context, call *fetchCall) (*snapshot, error) {
 // entry is the cached state of one key.
 type entry struct {
 	key      string // the API key; never logged, use fp
+	sum      [sha256.Size]byte
 	fp       string
 	snap     atomic.Pointer[snapshot] // last good list; nil until the first fetch succeeds
 	lastUsed atomic.Int64             // unix nanoseconds of the last request
@@ -241,13 +245,19 @@ type cache struct {
 	refreshInterval time.Duration
 	idleTimeout     time.Duration
 	fetchTimeout    time.Duration // bounds one fetch, shared by its waiters
+	maxKeys         int
+	slots           chan struct{} // one per fetch allowed at once
 	// missRefetchAfter limits re-fetches caused by requests that found no
 	// node for their route to one per key per missRefetchAfter.
 	missRefetchAfter time.Duration
+	rejectFor        time.Duration // how long a rejected key gets 401 without a call
 	log              *slog.Logger
 
 	mu      sync.RWMutex // guards entries
 	entries map[string]*entry
+
+	rejectMu sync.Mutex                  // guards rejected
+	rejected map[[sha256.Size]byte]int64 // key hash → unix ns until which it gets 401 without a call
 
 	stopped chan struct{} // closed when refreshLoop returns
 }
@@ -259,10 +269,14 @@ func newCache(apiURL *url.URL, client *http.Client, cfg config, log *slog.Logger
 		nodeScheme:       cfg.nodeScheme,
 		refreshInterval:  cfg.refreshInterval,
 		idleTimeout:      cfg.idleTimeout,
-		fetchTimeout:     defaultFetchTimeout,
+		fetchTimeout:     cfg.apiTimeout,
+		maxKeys:          cfg.maxKeys,
+		slots:            make(chan struct{}, cfg.apiConcurrency),
 		missRefetchAfter: defaultMissRefetchAfter,
+		rejectFor:        defaultRejectFor,
 		log:              log,
 		entries:          map[string]*entry{},
+		rejected:         map[[sha256.Size]byte]int64{},
 		stopped:          make(chan struct{}),
 	}
 }
@@ -275,7 +289,10 @@ func (c *cache) get(ctx context.Context, key string, now time.Time) (*entry, *sn
 	e := c.entries[key]
 	c.mu.RUnlock()
 	if e == nil {
-		e = c.add(key)
+		var err error
+		if e, err = c.add(key, now); err != nil {
+			return nil, nil, err
+		}
 	}
 	e.lastUsed.Store(now.UnixNano())
 	e.active.Add(1)
@@ -290,15 +307,83 @@ func (c *cache) get(ctx context.Context, key string, now time.Time) (*entry, *sn
 	return e, snap, nil
 }
 
-func (c *cache) add(key string) *entry {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if e := c.entries[key]; e != nil {
-		return e
+// add makes the entry of a key not cached yet, unless the API rejected the
+// key moments ago. At maxKeys, the least recently used key with nothing in
+// flight makes room.
+func (c *cache) add(key string, now time.Time) (*entry, error) {
+	sum := sha256.Sum256([]byte(key))
+	if c.rejectedRecently(sum, now) {
+		return nil, errKeyRejected
 	}
-	e := &entry{key: key, fp: fingerprint(key)}
+	c.mu.Lock()
+	if e := c.entries[key]; e != nil {
+		c.mu.Unlock()
+		return e, nil
+	}
+	var evicted *entry
+	if len(c.entries) >= c.maxKeys {
+		if evicted = c.evictLRULocked(); evicted == nil {
+			c.mu.Unlock()
+			return nil, errTooManyKeys
+		}
+	}
+	e := &entry{key: key, sum: sum, fp: hex.EncodeToString(sum[:4])}
 	c.entries[key] = e
-	return e
+	c.mu.Unlock()
+	if evicted != nil {
+		c.log.Info("key evicted", "key", evicted.fp, "reason", "cache full")
+	}
+	return e, nil
+}
+
+// evictLRULocked removes and returns the least recently used entry with
+// nothing in flight, or nil when every entry is busy.
+func (c *cache) evictLRULocked() *entry {
+	var lru *entry
+	var lruUsed int64
+	for _, e := range c.entries {
+		if used := e.lastUsed.Load(); e.active.Load() == 0 && (lru == nil || used < lruUsed) {
+			lru, lruUsed = e, used
+		}
+	}
+	if lru != nil {
+		delete(c.entries, lru.key)
+	}
+	return lru
+}
+
+func (c *cache) rejectedRecently(sum [sha256.Size]byte, now time.Time) bool {
+	c.rejectMu.Lock()
+	defer c.rejectMu.Unlock()
+	until, ok := c.rejected[sum]
+	if ok && now.UnixNano() >= until {
+		delete(c.rejected, sum)
+		return false
+	}
+	return ok
+}
+
+// reject remembers for c.rejectFor that the API rejected a key. When full,
+// it forgets the expired keys, then arbitrary ones: forgetting costs one
+// more API call at most, never a wrong answer.
+func (c *cache) reject(sum [sha256.Size]byte, now time.Time) {
+	c.rejectMu.Lock()
+	defer c.rejectMu.Unlock()
+	if len(c.rejected) >= maxRejected {
+		nowNS := now.UnixNano()
+		for k, until := range c.rejected {
+			if nowNS >= until {
+				delete(c.rejected, k)
+			}
+		}
+		for k := range c.rejected {
+			if len(c.rejected) < maxRejected*7/8 {
+				break
+			}
+			delete(c.rejected, k)
+		}
+	}
+	c.rejected[sum] = now.Add(c.rejectFor).UnixNano()
 }
 
 // first waits for the first list of e, joining the fetch in progress so that
@@ -311,7 +396,7 @@ func (c *cache) first(ctx context.Context, e *entry, now time.Time) (*snapshot, 
 	}
 	call := e.pending
 	if call == nil {
-		call = c.startFetchLocked(e, now)
+		call = c.startFetchLocked(e, now, false)
 	}
 	e.mu.Unlock()
 	return await(ctx, call)
@@ -332,7 +417,7 @@ func (c *cache) refetch(ctx context.Context, e *entry, snap *snapshot, now time.
 			e.mu.Unlock()
 			return snap, nil
 		}
-		call = c.startFetchLocked(e, now)
+		call = c.startFetchLocked(e, now, false)
 	}
 	e.mu.Unlock()
 	fresh, err := await(ctx, call)
@@ -346,11 +431,16 @@ func (c *cache) refetch(ctx context.Context, e *entry, snap *snapshot, now time.
 }
 
 // startFetchLocked starts fetching the list of e in its own goroutine,
-// under its own timeout: no waiter's context can cancel it.
-func (c *cache) startFetchLocked(e *entry, now time.Time) *fetchCall {
+// under its own timeout: no waiter's context can cancel it. The fetch takes
+// one of c.slots first, unless the caller already holds one for it.
+func (c *cache) startFetchLocked(e *entry, now time.Time, haveSlot bool) *fetchCall {
 	call := &fetchCall{done: make(chan struct{})}
 	e.pending, e.lastAttempt = call, now
 	go func() {
+		if !haveSlot {
+			c.slots <- struct{}{}
+		}
+		defer func() { <-c.slots }()
 		ctx, cancel := context.WithTimeout(context.Background(), c.fetchTimeout)
 		defer cancel()
 		snap, err := c.fetchWorkloads(ctx, e.key)
@@ -377,7 +467,9 @@ func (c *cache) settle(e *entry, snap *snapshot, err error) {
 		c.logChanges(e.fp, old, snap)
 	case errors.Is(err, errKeyRejected):
 		c.drop(e)
-		c.log.Info("key rejected by the Comput3 API", "key", e.fp)
+		c.reject(e.sum, time.Now())
+		// DEBUG: a flood of made-up keys must not flood the log.
+		c.log.Debug("key rejected by the Comput3 API", "key", e.fp)
 	case old == nil:
 		c.drop(e)
 		c.log.Warn("workloads fetch failed", "key", e.fp, "err", err)
@@ -482,7 +574,7 @@ func (c *cache) refreshLoop(ctx context.Context, afterTick func()) {
 		case <-ctx.Done():
 			return
 		case now := <-tick.C:
-			c.refreshAll(now)
+			c.refreshAll(ctx, now)
 			if afterTick != nil {
 				afterTick()
 			}
@@ -494,9 +586,11 @@ func (c *cache) refreshLoop(ctx context.Context, afterTick func()) {
 // in flight and starts one fetch per remaining key, each in its own
 // goroutine. It does not wait for them: a key whose fetch hangs holds up no
 // other key and no later tick, and since a key with a fetch in progress is
-// skipped, fetches never pile up. A key fetched within the last half
-// interval (its first request, or a miss re-fetch) waits for the next round.
-func (c *cache) refreshAll(now time.Time) {
+// skipped, fetches never pile up. It waits only for a free fetch slot
+// before starting the next, so a round never parks more goroutines than
+// there are slots. A key fetched within the last half interval (its first
+// request, or a miss re-fetch) waits for the next round.
+func (c *cache) refreshAll(ctx context.Context, now time.Time) {
 	c.mu.RLock()
 	entries := slices.Collect(maps.Values(c.entries))
 	c.mu.RUnlock()
@@ -506,12 +600,32 @@ func (c *cache) refreshAll(now time.Time) {
 			c.evict(e, now)
 			continue
 		}
+		if !c.refreshDue(e, now) {
+			continue
+		}
+		select {
+		case c.slots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
 		e.mu.Lock()
-		if e.pending == nil && now.Sub(e.lastAttempt) >= c.refreshInterval/2 {
-			c.startFetchLocked(e, now)
+		if c.refreshDueLocked(e, now) {
+			c.startFetchLocked(e, now, true)
+		} else {
+			<-c.slots
 		}
 		e.mu.Unlock()
 	}
+}
+
+func (c *cache) refreshDue(e *entry, now time.Time) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return c.refreshDueLocked(e, now)
+}
+
+func (c *cache) refreshDueLocked(e *entry, now time.Time) bool {
+	return e.pending == nil && now.Sub(e.lastAttempt) >= c.refreshInterval/2
 }
 
 func (c *cache) idle(e *entry, now time.Time) bool {

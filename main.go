@@ -27,10 +27,14 @@ const (
 	defaultIdleTimeout     = 3 * time.Minute
 	defaultShutdownTimeout = 30 * time.Second
 	defaultNodeScheme      = "https"
+	defaultAPITimeout      = 10 * time.Second
+	defaultAPIConcurrency  = 32
+	defaultMaxKeys         = 10000
+	defaultRetries         = 2
 
-	readHeaderTimeout = 10 * time.Second
-	idleConnTimeout   = 120 * time.Second
-	maxHeaderBytes    = 64 << 10
+	defaultReadHeaderTimeout = 10 * time.Second
+	defaultIdleConnTimeout   = 120 * time.Second
+	maxHeaderBytes           = 64 << 10
 )
 
 // config is everything the environment can set, parsed once.
@@ -43,6 +47,14 @@ type config struct {
 	idleTimeout     time.Duration // IDLE_TIMEOUT: unused keys are evicted after it, default 3m
 	nodeScheme      string        // NODE_SCHEME: http or https for host[:port] nodes, default https
 	shutdownTimeout time.Duration // SHUTDOWN_TIMEOUT: grace for in-flight requests, default 30s
+	apiTimeout      time.Duration // API_TIMEOUT: bound of one workloads fetch, default 10s
+	apiConcurrency  int           // API_CONCURRENCY: workloads fetches at once, default 32
+	maxKeys         int           // MAX_KEYS: keys cached at most, default 10000
+	retries         int           // RETRIES: extra nodes a failed tag request may try, default 2
+
+	// Not from the environment; tests shorten them.
+	readHeaderTimeout time.Duration // slow clients get this long to send their headers
+	idleConnTimeout   time.Duration // keep-alive connections are closed after this long unused
 }
 
 // loadConfig reads the configuration through getenv; an invalid value is an
@@ -55,6 +67,13 @@ func loadConfig(getenv func(string) string) (config, error) {
 		idleTimeout:     defaultIdleTimeout,
 		nodeScheme:      defaultNodeScheme,
 		shutdownTimeout: defaultShutdownTimeout,
+		apiTimeout:      defaultAPITimeout,
+		apiConcurrency:  defaultAPIConcurrency,
+		maxKeys:         defaultMaxKeys,
+		retries:         defaultRetries,
+
+		readHeaderTimeout: defaultReadHeaderTimeout,
+		idleConnTimeout:   defaultIdleConnTimeout,
 	}
 	apiURL := getenv("API_URL")
 	if apiURL == "" {
@@ -99,6 +118,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		{"REFRESH_INTERVAL", &cfg.refreshInterval},
 		{"IDLE_TIMEOUT", &cfg.idleTimeout},
 		{"SHUTDOWN_TIMEOUT", &cfg.shutdownTimeout},
+		{"API_TIMEOUT", &cfg.apiTimeout},
 	} {
 		if v := getenv(d.name); v != "" {
 			dur, err := time.ParseDuration(v)
@@ -106,6 +126,23 @@ func loadConfig(getenv func(string) string) (config, error) {
 				return config{}, fmt.Errorf("%s=%q: want a positive duration such as 60s", d.name, v)
 			}
 			*d.dst = dur
+		}
+	}
+	for _, n := range []struct {
+		name string
+		dst  *int
+		min  int
+	}{
+		{"API_CONCURRENCY", &cfg.apiConcurrency, 1},
+		{"MAX_KEYS", &cfg.maxKeys, 1},
+		{"RETRIES", &cfg.retries, 0},
+	} {
+		if v := getenv(n.name); v != "" {
+			i, err := strconv.Atoi(v)
+			if err != nil || i < n.min {
+				return config{}, fmt.Errorf("%s=%q: want a whole number of at least %d", n.name, v, n.min)
+			}
+			*n.dst = i
 		}
 	}
 	return cfg, nil
@@ -134,6 +171,14 @@ func newNodeTransport() *http.Transport {
 	return t
 }
 
+// newAPIClient talks to the Comput3 API: one idle connection kept per
+// concurrent fetch allowed, so refresh rounds reuse them.
+func newAPIClient(cfg config) *http.Client {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.MaxIdleConnsPerHost = cfg.apiConcurrency
+	return &http.Client{Transport: t}
+}
+
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -155,7 +200,7 @@ func run(ctx context.Context, getenv func(string) string, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	p := newProxy(newCache(cfg.apiURL, &http.Client{}, cfg, log), newBalancer(), newNodeTransport(), log)
+	p := newProxy(newCache(cfg.apiURL, newAPIClient(cfg), cfg, log), newBalancer(), newNodeTransport(), cfg.retries, log)
 	return serve(ctx, cfg, ln, p, log)
 }
 
@@ -167,8 +212,8 @@ func serve(ctx context.Context, cfg config, ln net.Listener, p *proxy, log *slog
 	c, b := p.cache, p.bal
 	srv := &http.Server{
 		Handler:           p,
-		ReadHeaderTimeout: readHeaderTimeout,
-		IdleTimeout:       idleConnTimeout,
+		ReadHeaderTimeout: cfg.readHeaderTimeout,
+		IdleTimeout:       cfg.idleConnTimeout,
 		MaxHeaderBytes:    maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
@@ -185,7 +230,8 @@ func serve(ctx context.Context, cfg config, ln net.Listener, p *proxy, log *slog
 
 	log.Info("c3-node-proxy listening", "addr", ln.Addr().String(), "api_url", cfg.apiURL.Redacted(),
 		"node_scheme", cfg.nodeScheme, "refresh_interval", cfg.refreshInterval,
-		"idle_timeout", cfg.idleTimeout, "shutdown_timeout", cfg.shutdownTimeout, "log_level", cfg.logLevel)
+		"idle_timeout", cfg.idleTimeout, "shutdown_timeout", cfg.shutdownTimeout, "log_level", cfg.logLevel,
+		"api_timeout", cfg.apiTimeout, "api_concurrency", cfg.apiConcurrency, "max_keys", cfg.maxKeys, "retries", cfg.retries)
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()

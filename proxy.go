@@ -5,17 +5,20 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
 var (
 	errNoKey           = errors.New("missing API key: send X-C3-API-KEY or Authorization: Bearer")
+	errBadKey          = errors.New("malformed API key")
 	errNoRoute         = errors.New("unknown route: use /tags/{tag}/..., /tags/all/..., /{n}/..., /workloads or /healthz")
 	errNotFound        = errors.New("no routable workload")
 	errNodeUnreachable = errors.New("node failed")
@@ -29,8 +32,10 @@ const statusClientClosed = 499
 // statusOf maps an error to the status that the client gets.
 func statusOf(err error) int {
 	switch {
-	case errors.Is(err, errNoKey), errors.Is(err, errKeyRejected):
+	case errors.Is(err, errNoKey), errors.Is(err, errBadKey), errors.Is(err, errKeyRejected):
 		return http.StatusUnauthorized
+	case errors.Is(err, errTooManyKeys):
+		return http.StatusServiceUnavailable
 	case errors.Is(err, errNoRoute), errors.Is(err, errNotFound):
 		return http.StatusNotFound
 	case errors.Is(err, errMethod):
@@ -71,6 +76,23 @@ func apiKey(h http.Header) string {
 		return strings.TrimSpace(a[len(bearer):])
 	}
 	return ""
+}
+
+// maxKeyLen bounds the keys worth asking the Comput3 API about.
+const maxKeyLen = 512
+
+// plausibleKey rejects keys that no API call could validate: too long, or
+// holding spaces or control characters.
+func plausibleKey(key string) bool {
+	if len(key) > maxKeyLen {
+		return false
+	}
+	for i := 0; i < len(key); i++ {
+		if c := key[i]; c <= ' ' || c == 0x7f {
+			return false
+		}
+	}
+	return true
 }
 
 type routeKind uint8
@@ -144,29 +166,43 @@ func restPath(rest string) string {
 }
 
 // forward carries one proxied request's choice from ServeHTTP to the
-// ReverseProxy hooks, through the request context.
+// ReverseProxy hooks and the failover transport, through the request
+// context. Only the handler's goroutine touches it.
 type forward struct {
-	base   *url.URL
-	host   string
 	rest   string
-	status int // set by ModifyResponse or ErrorHandler
+	set    *nodeSet    // the tag route's candidates; nil for an index route (no failover)
+	base   *url.URL    // the node now chosen
+	host   string      // its host
+	load   *nodeLoad   // its load, acquired; released when the request ends
+	tried  []*nodeLoad // nodes that failed this request
+	status int         // set by ModifyResponse or ErrorHandler
+}
+
+// target points u at the chosen node: its scheme and host, and the rest of
+// the path below its base path, with the client's encoding kept.
+func (fw *forward) target(u *url.URL) {
+	u.Scheme, u.Host = fw.base.Scheme, fw.base.Host
+	u.RawPath = strings.TrimSuffix(fw.base.EscapedPath(), "/") + fw.rest
+	u.Path, _ = url.PathUnescape(u.RawPath) // valid: built from escaped parts
 }
 
 type forwardKey struct{}
 
 // proxy is the HTTP handler of c3-node-proxy.
 type proxy struct {
-	cache *cache
-	bal   *balancer
-	log   *slog.Logger
-	rp    *httputil.ReverseProxy
+	cache   *cache
+	bal     *balancer
+	nodes   http.RoundTripper // reaches the nodes
+	retries int               // extra nodes a failed tag request may try
+	log     *slog.Logger
+	rp      *httputil.ReverseProxy
 }
 
-func newProxy(c *cache, b *balancer, transport http.RoundTripper, log *slog.Logger) *proxy {
-	p := &proxy{cache: c, bal: b, log: log}
+func newProxy(c *cache, b *balancer, nodes http.RoundTripper, retries int, log *slog.Logger) *proxy {
+	p := &proxy{cache: c, bal: b, nodes: nodes, retries: retries, log: log}
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:        rewrite,
-		Transport:      transport,
+		Transport:      roundTripFunc(p.roundTrip),
 		FlushInterval:  -1, // tokens go out as they come
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		ModifyResponse: recordStatus,
@@ -178,14 +214,10 @@ func newProxy(c *cache, b *balancer, transport http.RoundTripper, log *slog.Logg
 // rewrite points the outbound request at the chosen node. Method, headers
 // (the key included: nodes need it), body and query pass unchanged.
 func rewrite(pr *httputil.ProxyRequest) {
-	fw := pr.In.Context().Value(forwardKey{}).(*forward)
-	out := pr.Out.URL
-	out.Scheme, out.Host = fw.base.Scheme, fw.base.Host
-	out.RawPath = strings.TrimSuffix(fw.base.EscapedPath(), "/") + fw.rest
-	out.Path, _ = url.PathUnescape(out.RawPath) // valid: built from escaped parts
+	pr.In.Context().Value(forwardKey{}).(*forward).target(pr.Out.URL)
 	// ReverseProxy re-encodes queries it finds unusual; we do not read the
 	// query, so the node gets exactly what the client sent.
-	out.RawQuery = pr.In.URL.RawQuery
+	pr.Out.URL.RawQuery = pr.In.URL.RawQuery
 	pr.Out.Host = ""
 	if prior := pr.In.Header["X-Forwarded-For"]; len(prior) > 0 {
 		pr.Out.Header["X-Forwarded-For"] = prior // SetXForwarded appends the client
@@ -245,6 +277,10 @@ func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, r, errNoKey)
 		return
 	}
+	if !plausibleKey(key) {
+		p.fail(w, r, errBadKey)
+		return
+	}
 	rt, err := parseRoute(path)
 	if err != nil {
 		p.fail(w, r, err)
@@ -272,17 +308,17 @@ func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // the route finds nothing in a list that may be stale, and proxies r to it.
 func (p *proxy) forward(w http.ResponseWriter, r *http.Request, e *entry, snap *snapshot, rt route, start time.Time) {
 	fw := &forward{rest: rt.rest}
-	load, err := p.choose(snap, rt, fw)
+	err := p.choose(snap, rt, fw, start)
 	if errors.Is(err, errNotFound) {
 		if snap, err = p.cache.refetch(r.Context(), e, snap, start); err == nil {
-			load, err = p.choose(snap, rt, fw)
+			err = p.choose(snap, rt, fw, start)
 		}
 	}
 	if err != nil {
 		p.fail(w, r, err)
 		return
 	}
-	defer p.bal.release(load)
+	defer p.finish(fw)
 	defer func() {
 		// ReverseProxy panics with ErrAbortHandler to abort a broken stream;
 		// the server handles that. Anything else is our bug: answer 500
@@ -300,26 +336,132 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, e *entry, snap *
 
 	if p.log.Enabled(r.Context(), slog.LevelDebug) {
 		p.log.Debug("proxied", "route", rt.kind, "tag", rt.tag, "index", rt.index,
-			"node", fw.host, "in_flight", load.inFlight.Load(), "status", fw.status,
-			"duration", time.Since(start), "key", e.fp)
+			"node", fw.host, "in_flight", fw.load.inFlight.Load(), "status", fw.status,
+			"tried", len(fw.tried)+1, "duration", time.Since(start), "key", e.fp)
 	}
 }
 
-// choose picks the node for rt in snap, fills fw with it and returns its
-// acquired load.
-func (p *proxy) choose(snap *snapshot, rt route, fw *forward) (*nodeLoad, error) {
+// finish releases the node a request ended on.
+func (p *proxy) finish(fw *forward) { p.bal.release(fw.load) }
+
+// choose picks the node for rt in snap and records it, acquired, in fw.
+func (p *proxy) choose(snap *snapshot, rt route, fw *forward, now time.Time) error {
 	if rt.kind == routeIndex {
 		if rt.index >= len(snap.indexed.hosts) {
-			return nil, fmt.Errorf("%w at index %d (%d routable)", errNotFound, rt.index, len(snap.indexed.hosts))
+			return fmt.Errorf("%w at index %d (%d routable)", errNotFound, rt.index, len(snap.indexed.hosts))
 		}
 		fw.base, fw.host = snap.indexed.bases[rt.index], snap.indexed.hosts[rt.index]
-		return p.bal.acquire(fw.host), nil
+		fw.load = p.bal.acquire(fw.host)
+		return nil
 	}
-	set := snap.withTag(rt.tag)
-	if set == nil {
-		return nil, fmt.Errorf("%w with tag %q", errNotFound, rt.tag)
+	fw.set = snap.withTag(rt.tag)
+	if fw.set == nil {
+		return fmt.Errorf("%w with tag %q", errNotFound, rt.tag)
 	}
-	i, load := p.bal.pickLeastBusy(set.hosts)
-	fw.base, fw.host = set.bases[i], set.hosts[i]
-	return load, nil
+	i, load := p.bal.pickLeastBusy(fw.set.hosts, now, nil)
+	fw.base, fw.host, fw.load = fw.set.bases[i], fw.set.hosts[i], load
+	return nil
 }
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// roundTrip is the ReverseProxy's transport. It sends req to the chosen
+// node and keeps the node's passive health. When the node fails before
+// answering, a tag route tries another node of its tag, up to p.retries
+// more, never the same one twice, and only while no byte of the body has
+// been consumed.
+func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
+	fw := req.Context().Value(forwardKey{}).(*forward)
+	var body *attemptBody
+	if req.Body != nil && fw.set != nil && p.retries > 0 {
+		body = &attemptBody{mu: new(sync.Mutex), src: req.Body}
+		req.Body = body
+	}
+	for attempt := 0; ; attempt++ {
+		res, err := p.nodes.RoundTrip(req)
+		if err == nil {
+			if p.bal.succeeded(fw.load) {
+				p.log.Info("node back up", "node", fw.host)
+			}
+			return res, nil
+		}
+		if req.Context().Err() != nil {
+			return nil, err // the client left: not the node's fault
+		}
+		now := time.Now()
+		if cooldown, wentDown := p.bal.failed(fw.load, now); wentDown {
+			p.log.Info("node marked down", "node", fw.host, "cooldown", cooldown, "err", err)
+		}
+		if fw.set == nil || attempt >= p.retries || !body.abandon() {
+			return nil, err
+		}
+		fw.tried = append(fw.tried, fw.load)
+		i, next := p.bal.pickLeastBusy(fw.set.hosts, now, fw.tried)
+		if next == nil {
+			return nil, err
+		}
+		p.log.Warn("node failed before answering; trying another", "node", fw.host, "next", fw.set.hosts[i], "err", err)
+		p.bal.release(fw.load)
+		fw.base, fw.host, fw.load = fw.set.bases[i], fw.set.hosts[i], next
+		req = req.Clone(req.Context())
+		fw.target(req.URL)
+		if body != nil {
+			body = body.next()
+			req.Body = body
+		}
+	}
+}
+
+// errAttemptOver is what a transport still reading the body of an attempt
+// that was given up gets instead of bytes.
+var errAttemptOver = errors.New("request body: attempt abandoned for another node")
+
+// attemptBody is the request body as one attempt sees it. The transport may
+// go on reading a body after RoundTrip returned (golang/go#40747), so every
+// attempt gets its own view: the one given up is cut off, and reads of the
+// shared source are serialised, so no byte can go to an abandoned attempt
+// after the next one started. Wrappers are never reused.
+type attemptBody struct {
+	mu   *sync.Mutex // shared by every attempt of one request; guards src and read
+	src  io.Reader
+	read int64 // bytes this attempt consumed
+	dead bool  // abandoned: reads fail
+}
+
+func (b *attemptBody) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.dead {
+		return 0, errAttemptOver
+	}
+	n, err := b.src.Read(p)
+	b.read += int64(n)
+	return n, err
+}
+
+// Close does nothing: the inbound body belongs to the server, and
+// ReverseProxy closes its own wrapper of it.
+func (b *attemptBody) Close() error { return nil }
+
+// abandon cuts this attempt off if it consumed nothing, and reports whether
+// the body can go to another node. A nil body (none) always can. A read in
+// progress means bytes may be on their way: then it cannot.
+func (b *attemptBody) abandon() bool {
+	if b == nil {
+		return true
+	}
+	if !b.mu.TryLock() {
+		return false
+	}
+	defer b.mu.Unlock()
+	if b.read != 0 {
+		return false
+	}
+	b.dead = true
+	return true
+}
+
+// next is the body of the following attempt.
+func (b *attemptBody) next() *attemptBody { return &attemptBody{mu: b.mu, src: b.src} }
