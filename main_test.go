@@ -47,6 +47,10 @@ func TestLoadConfigDefaults(t *testing.T) {
 		{"IDLE_TIMEOUT", cfg.idleTimeout.String(), "3m0s"},
 		{"NODE_SCHEME", cfg.nodeScheme, "https"},
 		{"SHUTDOWN_TIMEOUT", cfg.shutdownTimeout.String(), "30s"},
+		{"API_TIMEOUT", cfg.apiTimeout.String(), "10s"},
+		{"API_CONCURRENCY", strconv.Itoa(cfg.apiConcurrency), "32"},
+		{"MAX_KEYS", strconv.Itoa(cfg.maxKeys), "10000"},
+		{"RETRIES", strconv.Itoa(cfg.retries), "2"},
 	}
 	for _, c := range checks {
 		if c.got != c.want {
@@ -59,13 +63,15 @@ func TestLoadConfigValues(t *testing.T) {
 	cfg, err := loadConfig(env(map[string]string{
 		"API_URL": "http://127.0.0.1:9/api", "PORT": "9090", "LOG_LEVEL": "debug", "LOG_FORMAT": "JSON",
 		"REFRESH_INTERVAL": "5s", "IDLE_TIMEOUT": "1h", "NODE_SCHEME": "HTTP", "SHUTDOWN_TIMEOUT": "2m",
+		"API_TIMEOUT": "3s", "API_CONCURRENCY": "4", "MAX_KEYS": "7", "RETRIES": "0",
 	}))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.apiURL.String() != "http://127.0.0.1:9/api" || cfg.port != 9090 || cfg.logLevel != slog.LevelDebug ||
 		!cfg.logJSON || cfg.refreshInterval != 5*time.Second || cfg.idleTimeout != time.Hour ||
-		cfg.nodeScheme != "http" || cfg.shutdownTimeout != 2*time.Minute {
+		cfg.nodeScheme != "http" || cfg.shutdownTimeout != 2*time.Minute || cfg.apiTimeout != 3*time.Second ||
+		cfg.apiConcurrency != 4 || cfg.maxKeys != 7 || cfg.retries != 0 {
 		t.Fatalf("config not as set: %+v", cfg)
 	}
 	for _, level := range []string{"DEBUG", "info", "Warn", "ERROR"} {
@@ -92,6 +98,10 @@ func TestLoadConfigRejects(t *testing.T) {
 		{"IDLE_TIMEOUT", "soon"},
 		{"SHUTDOWN_TIMEOUT", "0s"},
 		{"NODE_SCHEME", "ftp"},
+		{"API_TIMEOUT", "10"},
+		{"API_CONCURRENCY", "0"},
+		{"MAX_KEYS", "many"},
+		{"RETRIES", "-1"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name+"="+tc.value, func(t *testing.T) {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -100,6 +101,8 @@ func TestFailoverOnTagRoutes(t *testing.T) {
 		{"connection refused", func(t *testing.T) string { return "http://" + refusedNode(t) }, false},
 		{"bad TLS certificate", func(t *testing.T) string { return "https://" + badCertNode(t).host }, false},
 		{"reset before headers", func(t *testing.T) string { return "http://" + resetNode(t, "reset").host }, true},
+		// The dialer below fails this name as a resolver would: no lookup leaves the machine.
+		{"DNS failure", func(t *testing.T) string { return "http://unresolvable.node.test:80" }, false},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -108,7 +111,20 @@ func TestFailoverOnTagRoutes(t *testing.T) {
 			bad := tc.bad(t)
 			const key = "key-failover-01"
 			api.set(key, wl("w-bad", bad, 1, "t"), wl("w-good", "http://"+good.host, 2, "t"))
-			h := startProxy(t, api)
+			h := startProxy(t, api, func(_ *config, p *proxy) {
+				if p == nil {
+					return
+				}
+				tr := p.nodes.(*http.Transport)
+				dial := tr.DialContext
+				tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+					if strings.HasPrefix(addr, "unresolvable.") {
+						host, _, _ := net.SplitHostPort(addr)
+						return nil, &net.OpError{Op: "dial", Net: network, Err: &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}}
+					}
+					return dial(ctx, network, addr)
+				}
+			})
 
 			for i := range 12 {
 				for _, size := range []int{0, 100, 64 << 10, 1 << 20} {
