@@ -64,7 +64,7 @@ type apiAnswer struct {
 
 // fakeAPI is a Comput3 API: POST /workloads answers per key.
 type fakeAPI struct {
-	t   *testing.T
+	t   testing.TB
 	url string
 
 	mu      sync.Mutex
@@ -74,7 +74,7 @@ type fakeAPI struct {
 	bad     []string        // requests that broke the API's contract
 }
 
-func newFakeAPI(t *testing.T) *fakeAPI {
+func newFakeAPI(t testing.TB) *fakeAPI {
 	t.Helper()
 	a := &fakeAPI{t: t, answers: map[string]apiAnswer{}, posts: map[string]int{}, seen: map[string]bool{}}
 	srv := httptest.NewServer(http.HandlerFunc(a.serve))
@@ -180,7 +180,7 @@ type fakeNode struct {
 	handle http.HandlerFunc // optional: replaces the default answer
 }
 
-func newNode(t *testing.T, name string, tlsNode bool, handle http.HandlerFunc) *fakeNode {
+func newNode(t testing.TB, name string, tlsNode bool, handle http.HandlerFunc) *fakeNode {
 	t.Helper()
 	n := &fakeNode{name: name, handle: handle}
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -201,14 +201,41 @@ type proxy struct {
 func newProxy(c *cache, b *balancer, nodes http.RoundTripper, retries int, log *slog.Logger) *proxy {
 	p := &proxy{cache: c, bal: b, nodes: nodes, retries: retries, log: log}
 	p.rp = &httputil.ReverseProxy{
-		Rewrite:        rewrite,
-		Transport:      roundTripFunc(p.roundTrip),
-		FlushInterval:  -1, // tokens go out as they come
+		Rewrite:   rewrite,
+		Transport: roundTripFunc(p.roundTrip),
+		// Streams go out chunk by chunk anyway: ReverseProxy flushes after
+		// every read for text/event-stream and for any body without a length
+		// (chunked NDJSON). A positive or negative interval would also arm a
+		// timer per response, and -1 sends the headers of every response in
+		// a write of their own: a third of the CPU on small requests.
+		FlushInterval:  0,
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		ModifyResponse: recordStatus,
 		ErrorHandler:   p.nodeFailed,
+		BufferPool:     &copyBuffers{},
 	}
 	return p
+}
+
+// copyBufferSize is the size of the buffers that carry response bodies.
+const copyBufferSize = 32 << 10
+
+// copyBuffers recycles the response copy buffers: without it ReverseProxy
+// allocates 32 KiB per request. Buffers are kept as array pointers, so that
+// Put allocates nothing.
+type copyBuffers struct{ pool sync.Pool }
+
+func (b *copyBuffers) Get() []byte {
+	if buf, ok := b.pool.Get().(*[copyBufferSize]byte); ok {
+		return buf[:]
+	}
+	return make([]byte, copyBufferSize)
+}
+
+func (b *copyBuffers) Put(buf []byte) {
+	if len(buf) == copyBufferSize {
+		b.pool.Put((*[copyBufferSize]byte)(buf))
+	}
 }
 
 // rewrite points the outbound request at the chosen node. Method, headers
