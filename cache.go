@@ -628,8 +628,16 @@ func (c *cache) refreshDueLocked(e *entry, now time.Time) bool {
 	return e.pending == nil && now.Sub(e.lastAttempt) >= c.refreshInterval/2
 }
 
+// idle reports whether e may be evicted: unused for longer than
+// idleTimeout, nothing in flight, and no fetch running (one that finished
+// after the eviction would have called the API for a key no longer cached).
 func (c *cache) idle(e *entry, now time.Time) bool {
-	return now.Sub(time.Unix(0, e.lastUsed.Load())) > c.idleTimeout && e.active.Load() == 0
+	if now.Sub(time.Unix(0, e.lastUsed.Load())) <= c.idleTimeout || e.active.Load() != 0 {
+		return false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.pending == nil
 }
 
 // evict removes e if it is still idle: a request may have arrived since.
