@@ -2,6 +2,8 @@ package main
 
 import (
 	"maps"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,14 +18,47 @@ const (
 	maxCooldown = 60 * time.Second
 )
 
+// failReason says how a node failed a request; the metrics count each.
+type failReason uint8
+
+const (
+	failConnect   failReason = iota // connection refused or unreachable
+	failDNS                         // the node's name did not resolve
+	failTLS                         // handshake or certificate
+	failReset                       // connection closed or reset before the response
+	failTimeout                     // a dial or handshake timed out
+	failMidStream                   // the body broke after the response started
+	failOther
+	numFailReasons
+)
+
+var failReasonNames = [numFailReasons]string{"connect", "dns", "tls", "reset", "timeout", "mid_stream", "other"}
+
+// maxStatus bounds the status codes counted one by one; HTTP has three digits.
+const maxStatus = 1000
+
 // nodeLoad is the live state of one node, shared by every key that routes to it.
 type nodeLoad struct {
 	host       string
+	hostHeader []string     // {host}: the X-C3-Node value, shared read-only
 	inFlight   atomic.Int64 // requests forwarded to the node and not yet finished
 	failures   atomic.Int64 // consecutive failures before a response
 	downUntil  atomic.Int64 // unix ns until which tag routing skips the node; 0 when up
 	lastFailed atomic.Int64 // unix ns of the last failure
+
+	answered [maxStatus]atomic.Int64      // responses by status code
+	failed   [numFailReasons]atomic.Int64 // failures by reason
 }
+
+// countAnswer counts a response of the node with status code.
+func (n *nodeLoad) countAnswer(code int) {
+	if code >= 0 && code < maxStatus {
+		n.answered[code].Add(1)
+	}
+}
+
+// countFailure counts a failure of the node.
+func (n *nodeLoad) countFailure(reason failReason) { n.failed[reason].Add(1) }
 
 // cooling reports whether tag routing should skip n at now.
 func (n *nodeLoad) cooling(now int64) bool { return n.downUntil.Load() > now }
@@ -55,7 +90,7 @@ func (b *balancer) load(host string) *nodeLoad {
 	if n := old[host]; n != nil {
 		return n
 	}
-	n := &nodeLoad{host: host}
+	n := &nodeLoad{host: host, hostHeader: []string{host}}
 	next := make(map[string]*nodeLoad, len(old)+1)
 	maps.Copy(next, old)
 	next[host] = n
@@ -132,7 +167,8 @@ func skipped(skip []*nodeLoad, n *nodeLoad) bool {
 // failed records that n failed before answering. It returns the cooldown
 // when n is down (from the downAfter-th failure in a row on), 0 otherwise,
 // and whether this failure is the one that took n down.
-func (b *balancer) failed(n *nodeLoad, now time.Time) (cooldown time.Duration, wentDown bool) {
+func (b *balancer) failed(n *nodeLoad, now time.Time, reason failReason) (cooldown time.Duration, wentDown bool) {
+	n.countFailure(reason)
 	n.lastFailed.Store(now.UnixNano())
 	f := n.failures.Add(1)
 	if f < downAfter {
@@ -161,6 +197,13 @@ func (b *balancer) inFlight(host string) int64 {
 		return n.inFlight.Load()
 	}
 	return 0
+}
+
+// nodes returns the state of every node known, sorted by host.
+func (b *balancer) nodes() []*nodeLoad {
+	loads := slices.Collect(maps.Values(*b.loads.Load()))
+	slices.SortFunc(loads, func(x, y *nodeLoad) int { return strings.Compare(x.host, y.host) })
+	return loads
 }
 
 // retain forgets every idle node for which keep reports false, so that the

@@ -95,7 +95,7 @@ func BenchmarkHotPath(b *testing.B) {
 		for pb.Next() {
 			key := keys[i%len(keys)]
 			i += 7919
-			if !plausibleKey(key) {
+			if !token(key, maxKeyLen) {
 				b.Fatal("key")
 			}
 			rt, err := parseRoute("/tags/llm/v1/chat/completions")
@@ -106,7 +106,7 @@ func BenchmarkHotPath(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			fw = forward{rest: rt.rest}
+			fw = forward{route: rt}
 			if err := p.choose(snap, rt, &fw, now); err != nil {
 				b.Fatal(err)
 			}
@@ -146,7 +146,7 @@ func BenchmarkProxyRoundTrip(b *testing.B) {
 			api.set(key, wl("w1", srv, 1, "t"))
 			nodes := newNodeTransport()
 			nodes.TLSClientConfig = &tls.Config{RootCAs: testCertPool()}
-			p := newProxy(newCache(cfg.apiURL, newAPIClient(cfg), cfg, newLogger(io.Discard, cfg)), newBalancer(), nodes, cfg.retries, newLogger(io.Discard, cfg))
+			p := newProxy(newCache(cfg.apiURL, newAPIClient(cfg), cfg, newLogger(io.Discard, cfg)), newBalancer(), nodes, cfg, newLogger(io.Discard, cfg))
 			req, _ := http.NewRequest(http.MethodGet, "http://proxy.example"+tc.path, nil)
 			req.Header.Set("X-C3-API-KEY", key)
 			req.RemoteAddr = "127.0.0.1:5555"

@@ -201,6 +201,18 @@ func fingerprint(key string) string {
 	return hex.EncodeToString(sum[:4])
 }
 
+// fetchResult is how a workloads fetch ended, for the metrics.
+type fetchResult uint8
+
+const (
+	fetchOK fetchResult = iota
+	fetchError
+	fetchRejected
+	numFetchResults
+)
+
+var fetchResultNames = [numFetchResults]string{"ok", "error", "rejected"}
+
 // fetchCall is one workloads fetch shared by every request waiting for it.
 // snap and err are written before done is closed.
 type fetchCall struct {
@@ -255,6 +267,9 @@ type cache struct {
 
 	mu      sync.RWMutex // guards entries
 	entries map[string]*entry
+
+	fetches      [numFetchResults]atomic.Int64 // workloads fetches by result
+	fetchSeconds histogram                     // how long they took
 
 	rejectMu sync.Mutex                  // guards rejected
 	rejected map[[sha256.Size]byte]int64 // key hash → unix ns until which it gets 401 without a call
@@ -443,7 +458,17 @@ func (c *cache) startFetchLocked(e *entry, now time.Time, haveSlot bool) *fetchC
 		defer func() { <-c.slots }()
 		ctx, cancel := context.WithTimeout(context.Background(), c.fetchTimeout)
 		defer cancel()
+		start := time.Now()
 		snap, err := c.fetchWorkloads(ctx, e.key)
+		c.fetchSeconds.observe(time.Since(start))
+		switch {
+		case err == nil:
+			c.fetches[fetchOK].Add(1)
+		case errors.Is(err, errKeyRejected):
+			c.fetches[fetchRejected].Add(1)
+		default:
+			c.fetches[fetchError].Add(1)
+		}
 		c.settle(e, snap, err)
 		call.snap, call.err = snap, err
 		close(call.done)
@@ -651,6 +676,13 @@ func (c *cache) evict(e *entry, now time.Time) {
 	if gone {
 		c.log.Info("key evicted", "key", e.fp, "idle", now.Sub(time.Unix(0, e.lastUsed.Load())).Round(time.Second))
 	}
+}
+
+// size returns the number of keys cached.
+func (c *cache) size() int {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return len(c.entries)
 }
 
 // nodeHosts returns the host of every routable node of every cached key.

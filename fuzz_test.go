@@ -50,7 +50,7 @@ func FuzzRoute(f *testing.F) {
 		if !strings.HasPrefix(rt.rest, "/") {
 			t.Fatalf("rest %q of %q does not start with /", rt.rest, path)
 		}
-		fw := &forward{rest: rt.rest}
+		fw := &forward{route: rt}
 		if err := p.choose(snap, rt, fw, time.Now()); err != nil {
 			return
 		}

@@ -265,7 +265,7 @@ func startProxy(t *testing.T, api *fakeAPI, opts ...option) *harness {
 	log := newLogger(logs, cfg)
 	nodes := newNodeTransport()
 	nodes.TLSClientConfig = &tls.Config{RootCAs: testCertPool()}
-	p := newProxy(newCache(cfg.apiURL, newAPIClient(cfg), cfg, log), newBalancer(), nodes, cfg.retries, log)
+	p := newProxy(newCache(cfg.apiURL, newAPIClient(cfg), cfg, log), newBalancer(), nodes, cfg, log)
 	for _, o := range opts {
 		o(&cfg, p)
 	}

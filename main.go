@@ -51,6 +51,7 @@ type config struct {
 	apiConcurrency  int           // API_CONCURRENCY: workloads fetches at once, default 32
 	maxKeys         int           // MAX_KEYS: keys cached at most, default 10000
 	retries         int           // RETRIES: extra nodes a failed tag request may try, default 2
+	accessLog       bool          // ACCESS_LOG: one INFO line per request, default false
 
 	// Not from the environment; tests shorten them.
 	readHeaderTimeout time.Duration // slow clients get this long to send their headers
@@ -103,6 +104,13 @@ func loadConfig(getenv func(string) string) (config, error) {
 		cfg.logJSON = true
 	default:
 		return config{}, fmt.Errorf("LOG_FORMAT=%q: want text or json", v)
+	}
+	if v := getenv("ACCESS_LOG"); v != "" {
+		on, err := strconv.ParseBool(v)
+		if err != nil {
+			return config{}, fmt.Errorf("ACCESS_LOG=%q: want true or false", v)
+		}
+		cfg.accessLog = on
 	}
 	switch v := getenv("NODE_SCHEME"); strings.ToLower(v) {
 	case "":
@@ -200,7 +208,7 @@ func run(ctx context.Context, getenv func(string) string, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	p := newProxy(newCache(cfg.apiURL, newAPIClient(cfg), cfg, log), newBalancer(), newNodeTransport(), cfg.retries, log)
+	p := newProxy(newCache(cfg.apiURL, newAPIClient(cfg), cfg, log), newBalancer(), newNodeTransport(), cfg, log)
 	return serve(ctx, cfg, ln, p, log)
 }
 
@@ -231,7 +239,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, p *proxy, log *slog
 	log.Info("c3-node-proxy listening", "addr", ln.Addr().String(), "api_url", cfg.apiURL.Redacted(),
 		"node_scheme", cfg.nodeScheme, "refresh_interval", cfg.refreshInterval,
 		"idle_timeout", cfg.idleTimeout, "shutdown_timeout", cfg.shutdownTimeout, "log_level", cfg.logLevel,
-		"api_timeout", cfg.apiTimeout, "api_concurrency", cfg.apiConcurrency, "max_keys", cfg.maxKeys, "retries", cfg.retries)
+		"api_timeout", cfg.apiTimeout, "api_concurrency", cfg.apiConcurrency, "max_keys", cfg.maxKeys, "retries", cfg.retries, "access_log", cfg.accessLog)
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()

@@ -217,7 +217,7 @@ func TestGracefulShutdownLetsStreamsFinish(t *testing.T) {
 			log := newLogger(logs, cfg)
 			nodes := newNodeTransport()
 			nodes.TLSClientConfig = &tls.Config{RootCAs: testCertPool()}
-			p := newProxy(newCache(cfg.apiURL, newAPIClient(cfg), cfg, log), newBalancer(), nodes, cfg.retries, log)
+			p := newProxy(newCache(cfg.apiURL, newAPIClient(cfg), cfg, log), newBalancer(), nodes, cfg, log)
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
 				t.Fatal(err)

@@ -1,18 +1,28 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -78,29 +88,18 @@ func apiKey(h http.Header) string {
 	return ""
 }
 
-// maxKeyLen bounds the keys worth asking the Comput3 API about.
+// maxKeyLen bounds the keys worth asking the Comput3 API about: longer
+// ones, or ones holding spaces or control characters, get 401 at once.
 const maxKeyLen = 512
-
-// plausibleKey rejects keys that no API call could validate: too long, or
-// holding spaces or control characters.
-func plausibleKey(key string) bool {
-	if len(key) > maxKeyLen {
-		return false
-	}
-	for i := 0; i < len(key); i++ {
-		if c := key[i]; c <= ' ' || c == 0x7f {
-			return false
-		}
-	}
-	return true
-}
 
 type routeKind uint8
 
 const (
-	routeTag routeKind = iota + 1
+	routeOther routeKind = iota // health, errors before a route is known
+	routeTag
 	routeIndex
 	routeWorkloads
+	numRouteKinds
 )
 
 func (k routeKind) String() string {
@@ -165,41 +164,92 @@ func restPath(rest string) string {
 	return rest
 }
 
-// forward carries one proxied request's choice from ServeHTTP to the
-// ReverseProxy hooks and the failover transport, through the request
-// context. Only the handler's goroutine touches it.
+// forward is the record of one request. ServeHTTP makes it; the
+// ReverseProxy hooks and the failover transport find it in the request
+// context; the metrics and the access log read it when the request ends.
+// All of them run on the handler's goroutine.
 type forward struct {
-	rest   string
+	start     time.Time
+	requestID string
+	idHeader  []string  // {requestID}, shared by the client's and the node's headers
+	route     route     // kind is routeOther until the path parses
+	fp        string    // the key's fingerprint, once there is a key
+	out       *counting // counts the bytes sent, when the access log is on
+
 	set    *nodeSet    // the tag route's candidates; nil for an index route (no failover)
 	base   *url.URL    // the node now chosen
 	host   string      // its host
 	load   *nodeLoad   // its load, acquired; released when the request ends
 	tried  []*nodeLoad // nodes that failed this request
-	status int         // set by ModifyResponse or ErrorHandler
+	status int         // what the client got; 0 until the response starts
+	ttfb   time.Duration
 }
 
 // target points u at the chosen node: its scheme and host, and the rest of
 // the path below its base path, with the client's encoding kept.
 func (fw *forward) target(u *url.URL) {
 	u.Scheme, u.Host = fw.base.Scheme, fw.base.Host
-	u.RawPath = strings.TrimSuffix(fw.base.EscapedPath(), "/") + fw.rest
+	u.RawPath = strings.TrimSuffix(fw.base.EscapedPath(), "/") + fw.route.rest
 	u.Path, _ = url.PathUnescape(u.RawPath) // valid: built from escaped parts
 }
 
 type forwardKey struct{}
 
-// proxy is the HTTP handler of c3-node-proxy.
-type proxy struct {
-	cache   *cache
-	bal     *balancer
-	nodes   http.RoundTripper // reaches the nodes
-	retries int               // extra nodes a failed tag request may try
-	log     *slog.Logger
-	rp      *httputil.ReverseProxy
+// counting is the ResponseWriter of a request whose bytes the access log
+// reports. Unwrap keeps Flush and Hijack working through it.
+type counting struct {
+	http.ResponseWriter
+	n int64
 }
 
-func newProxy(c *cache, b *balancer, nodes http.RoundTripper, retries int, log *slog.Logger) *proxy {
-	p := &proxy{cache: c, bal: b, nodes: nodes, retries: retries, log: log}
+func (c *counting) Write(p []byte) (int, error) {
+	n, err := c.ResponseWriter.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+func (c *counting) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
+// token reports whether s is 1 to max bytes of visible ASCII.
+func token(s string, max int) bool {
+	if len(s) == 0 || len(s) > max {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c <= ' ' || c >= 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// requestID returns the client's X-Request-Id when it is a sane token,
+// and a new random one otherwise.
+func requestID(h http.Header) string {
+	if id := h.Get("X-Request-Id"); token(id, 128) {
+		return id
+	}
+	var raw [8]byte
+	var id [16]byte
+	binary.LittleEndian.PutUint64(raw[:], rand.Uint64())
+	hex.Encode(id[:], raw[:])
+	return string(id[:])
+}
+
+// proxy is the HTTP handler of c3-node-proxy.
+type proxy struct {
+	cache     *cache
+	bal       *balancer
+	nodes     http.RoundTripper // reaches the nodes
+	retries   int               // extra nodes a failed tag request may try
+	accessLog bool              // one INFO line per request, not only at DEBUG
+	log       *slog.Logger
+	rp        *httputil.ReverseProxy
+	metrics   requestMetrics
+}
+
+func newProxy(c *cache, b *balancer, nodes http.RoundTripper, cfg config, log *slog.Logger) *proxy {
+	p := &proxy{cache: c, bal: b, nodes: nodes, retries: cfg.retries, accessLog: cfg.accessLog, log: log}
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:   rewrite,
 		Transport: roundTripFunc(p.roundTrip),
@@ -210,7 +260,7 @@ func newProxy(c *cache, b *balancer, nodes http.RoundTripper, retries int, log *
 		// a write of their own: a third of the CPU on small requests.
 		FlushInterval:  0,
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-		ModifyResponse: recordStatus,
+		ModifyResponse: p.received,
 		ErrorHandler:   p.nodeFailed,
 		BufferPool:     &copyBuffers{},
 	}
@@ -241,22 +291,49 @@ func (b *copyBuffers) Put(buf []byte) {
 // rewrite points the outbound request at the chosen node. Method, headers
 // (the key included: nodes need it), body and query pass unchanged.
 func rewrite(pr *httputil.ProxyRequest) {
-	pr.In.Context().Value(forwardKey{}).(*forward).target(pr.Out.URL)
+	fw := pr.In.Context().Value(forwardKey{}).(*forward)
+	fw.target(pr.Out.URL)
 	// ReverseProxy re-encodes queries it finds unusual; we do not read the
 	// query, so the node gets exactly what the client sent.
 	pr.Out.URL.RawQuery = pr.In.URL.RawQuery
 	pr.Out.Host = ""
+	pr.Out.Header["X-Request-Id"] = fw.idHeader
 	if prior := pr.In.Header["X-Forwarded-For"]; len(prior) > 0 {
 		pr.Out.Header["X-Forwarded-For"] = prior // SetXForwarded appends the client
 	}
 	pr.SetXForwarded()
 }
 
-func recordStatus(res *http.Response) error {
-	if fw, ok := res.Request.Context().Value(forwardKey{}).(*forward); ok {
-		fw.status = res.StatusCode
+// received notes the node's response before it is passed on: its status and
+// time, who sent it (X-C3-Node), and a body that tells when it breaks.
+func (p *proxy) received(res *http.Response) error {
+	fw := res.Request.Context().Value(forwardKey{}).(*forward)
+	fw.status, fw.ttfb = res.StatusCode, time.Since(fw.start)
+	fw.load.countAnswer(res.StatusCode)
+	res.Header.Del("X-Request-Id") // the client has ours, which the node got too
+	res.Header["X-C3-Node"] = fw.load.hostHeader
+	if res.StatusCode != http.StatusSwitchingProtocols {
+		res.Body = &nodeBody{ReadCloser: res.Body, ctx: res.Request.Context(), load: fw.load}
 	}
 	return nil
+}
+
+// nodeBody counts a node's response body that broke before its end, unless
+// the client leaving broke it.
+type nodeBody struct {
+	io.ReadCloser
+	ctx    context.Context
+	load   *nodeLoad
+	broken bool
+}
+
+func (b *nodeBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF && !b.broken && b.ctx.Err() == nil {
+		b.broken = true
+		b.load.countFailure(failMidStream)
+	}
+	return n, err
 }
 
 // nodeFailed answers 502 when the node could not be reached or failed
@@ -267,21 +344,21 @@ func (p *proxy) nodeFailed(w http.ResponseWriter, r *http.Request, err error) {
 	if r.Context().Err() != nil {
 		err = fmt.Errorf("%w: %w", context.Canceled, err)
 	}
-	fw.status = statusOf(err)
-	p.fail(w, r, err)
+	p.fail(w, r, fw, err)
 }
 
 // fail logs err at the level its status deserves and answers it.
-func (p *proxy) fail(w http.ResponseWriter, r *http.Request, err error) {
+func (p *proxy) fail(w http.ResponseWriter, r *http.Request, fw *forward, err error) {
 	status := statusOf(err)
+	fw.status = status
 	switch {
 	case status == statusClientClosed:
-		p.log.Debug("client went away", "path", r.URL.Path, "err", err)
+		p.log.Debug("client went away", "path", r.URL.Path, "request_id", fw.requestID, "err", err)
 		return
 	case status == http.StatusInternalServerError:
-		p.log.Error("internal error", "method", r.Method, "err", err)
+		p.log.Error("internal error", "method", r.Method, "request_id", fw.requestID, "err", err)
 	case status == http.StatusBadGateway:
-		p.log.Warn("bad gateway", "method", r.Method, "err", err)
+		p.log.Warn("bad gateway", "method", r.Method, "request_id", fw.requestID, "err", err)
 	}
 	if status == http.StatusMethodNotAllowed {
 		w.Header().Set("Allow", "GET, HEAD")
@@ -291,58 +368,77 @@ func (p *proxy) fail(w http.ResponseWriter, r *http.Request, err error) {
 
 func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	path := r.URL.EscapedPath()
+	if path == "/metrics" {
+		p.serveMetrics(w, r)
+		return
+	}
+	fw := &forward{start: time.Now(), requestID: requestID(r.Header)}
+	fw.idHeader = []string{fw.requestID}
+	w.Header()["X-Request-Id"] = fw.idHeader
+	if p.logsRequests(r.Context()) {
+		fw.out = &counting{ResponseWriter: w}
+		w = fw.out
+	}
+	defer p.account(r, fw)
+	p.serve(w, r, fw, path)
+}
+
+func (p *proxy) serve(w http.ResponseWriter, r *http.Request, fw *forward, path string) {
 	if path == "/" || path == "/healthz" {
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
-			p.fail(w, r, errMethod)
+			p.fail(w, r, fw, errMethod)
 			return
 		}
+		fw.status = http.StatusOK
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 		return
 	}
 	key := apiKey(r.Header)
 	if key == "" {
-		p.fail(w, r, errNoKey)
+		p.fail(w, r, fw, errNoKey)
 		return
 	}
-	if !plausibleKey(key) {
-		p.fail(w, r, errBadKey)
+	if !token(key, maxKeyLen) {
+		p.fail(w, r, fw, errBadKey)
 		return
 	}
 	rt, err := parseRoute(path)
 	if err != nil {
-		p.fail(w, r, err)
+		p.fail(w, r, fw, err)
 		return
 	}
+	fw.route = rt
 	if rt.kind == routeWorkloads && r.Method != http.MethodGet && r.Method != http.MethodHead {
-		p.fail(w, r, errMethod)
+		p.fail(w, r, fw, errMethod)
 		return
 	}
-	start := time.Now()
-	e, snap, err := p.cache.get(r.Context(), key, start)
+	e, snap, err := p.cache.get(r.Context(), key, fw.start)
 	if err != nil {
-		p.fail(w, r, err)
+		p.fail(w, r, fw, err)
 		return
 	}
 	defer e.done()
+	fw.fp = e.fp
 	if rt.kind == routeWorkloads {
+		fw.status = http.StatusOK
 		writeJSON(w, http.StatusOK, snap.workloads)
 		return
 	}
-	p.forward(w, r, e, snap, rt, start)
+	p.forward(w, r, e, snap, fw)
 }
 
-// forward chooses the node for rt, re-fetching the key's list once when
-// the route finds nothing in a list that may be stale, and proxies r to it.
-func (p *proxy) forward(w http.ResponseWriter, r *http.Request, e *entry, snap *snapshot, rt route, start time.Time) {
-	fw := &forward{rest: rt.rest}
-	err := p.choose(snap, rt, fw, start)
+// forward chooses the node for the request's route, re-fetching the key's
+// list once when the route finds nothing in a list that may be stale, and
+// proxies r to it.
+func (p *proxy) forward(w http.ResponseWriter, r *http.Request, e *entry, snap *snapshot, fw *forward) {
+	err := p.choose(snap, fw.route, fw, fw.start)
 	if errors.Is(err, errNotFound) {
-		if snap, err = p.cache.refetch(r.Context(), e, snap, start); err == nil {
-			err = p.choose(snap, rt, fw, start)
+		if snap, err = p.cache.refetch(r.Context(), e, snap, fw.start); err == nil {
+			err = p.choose(snap, fw.route, fw, fw.start)
 		}
 	}
 	if err != nil {
-		p.fail(w, r, err)
+		p.fail(w, r, fw, err)
 		return
 	}
 	defer p.finish(fw)
@@ -354,22 +450,59 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, e *entry, snap *
 			if v == http.ErrAbortHandler || fw.status != 0 {
 				panic(v)
 			}
-			fw.status = http.StatusInternalServerError
-			p.fail(w, r, fmt.Errorf("panic while proxying to %s: %v", fw.host, v))
+			p.fail(w, r, fw, fmt.Errorf("panic while proxying to %s: %v", fw.host, v))
 		}
 	}()
-
 	p.rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), forwardKey{}, fw)))
-
-	if p.log.Enabled(r.Context(), slog.LevelDebug) {
-		p.log.Debug("proxied", "route", rt.kind, "tag", rt.tag, "index", rt.index,
-			"node", fw.host, "in_flight", fw.load.inFlight.Load(), "status", fw.status,
-			"tried", len(fw.tried)+1, "duration", time.Since(start), "key", e.fp)
-	}
 }
 
 // finish releases the node a request ended on.
 func (p *proxy) finish(fw *forward) { p.bal.release(fw.load) }
+
+// logsRequests reports whether requests get an access log line: at INFO
+// with ACCESS_LOG=true, always at DEBUG.
+func (p *proxy) logsRequests(ctx context.Context) bool {
+	return p.log.Enabled(ctx, slog.LevelDebug) || (p.accessLog && p.log.Enabled(ctx, slog.LevelInfo))
+}
+
+// account counts a finished request in the metrics and writes its access
+// log line. It runs deferred, also when a broken stream aborts the handler.
+func (p *proxy) account(r *http.Request, fw *forward) {
+	elapsed := time.Since(fw.start)
+	status := fw.status
+	if status == 0 {
+		status = statusClientClosed // nothing was answered: the client left first
+	}
+	if fw.ttfb == 0 {
+		fw.ttfb = elapsed
+	}
+	p.metrics.observe(fw.route.kind, status, fw.ttfb, elapsed)
+	if fw.out == nil {
+		return
+	}
+	level := slog.LevelDebug
+	if p.accessLog {
+		level = slog.LevelInfo
+	}
+	attrs := []slog.Attr{
+		slog.String("method", r.Method), slog.String("path", r.URL.Path), slog.String("route", fw.route.kind.String()),
+		slog.String("node", fw.host), slog.Int("status", status), slog.Int64("bytes_out", fw.out.n),
+		slog.Float64("duration_ms", msec(elapsed)), slog.Float64("ttfb_ms", msec(fw.ttfb)),
+		slog.String("key", fw.fp), slog.String("request_id", fw.requestID),
+	}
+	switch fw.route.kind {
+	case routeTag:
+		attrs = append(attrs, slog.String("tag", fw.route.tag), slog.Int("tried", len(fw.tried)+1))
+	case routeIndex:
+		attrs = append(attrs, slog.Int("index", fw.route.index))
+	}
+	if fw.load != nil {
+		attrs = append(attrs, slog.Int64("node_in_flight", fw.load.inFlight.Load()))
+	}
+	p.log.LogAttrs(r.Context(), level, "request", attrs...)
+}
+
+func msec(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // choose picks the node for rt in snap and records it, acquired, in fw.
 func (p *proxy) choose(snap *snapshot, rt route, fw *forward, now time.Time) error {
@@ -388,6 +521,29 @@ func (p *proxy) choose(snap *snapshot, rt route, fw *forward, now time.Time) err
 	i, load := p.bal.pickLeastBusy(fw.set.hosts, now, nil)
 	fw.base, fw.host, fw.load = fw.set.bases[i], fw.set.hosts[i], load
 	return nil
+}
+
+// failureReason classifies how a node failed before answering.
+func failureReason(err error) failReason {
+	var dnsErr *net.DNSError
+	var certErr *tls.CertificateVerificationError
+	var recordErr tls.RecordHeaderError
+	var alert tls.AlertError
+	var netErr net.Error
+	var opErr *net.OpError
+	switch {
+	case errors.As(err, &dnsErr):
+		return failDNS
+	case errors.As(err, &certErr), errors.As(err, &recordErr), errors.As(err, &alert):
+		return failTLS
+	case errors.As(err, &netErr) && netErr.Timeout():
+		return failTimeout
+	case errors.As(err, &opErr) && opErr.Op == "dial":
+		return failConnect
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
+		return failReset
+	}
+	return failOther
 }
 
 type roundTripFunc func(*http.Request) (*http.Response, error)
@@ -418,7 +574,7 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 			return nil, err // the client left: not the node's fault
 		}
 		now := time.Now()
-		if cooldown, wentDown := p.bal.failed(fw.load, now); wentDown {
+		if cooldown, wentDown := p.bal.failed(fw.load, now, failureReason(err)); wentDown {
 			p.log.Info("node marked down", "node", fw.host, "cooldown", cooldown, "err", err)
 		}
 		if fw.set == nil || attempt >= p.retries || !body.abandon() {
@@ -492,3 +648,149 @@ func (b *attemptBody) abandon() bool {
 
 // next is the body of the following attempt.
 func (b *attemptBody) next() *attemptBody { return &attemptBody{mu: b.mu, src: b.src} }
+
+// durationBuckets are the upper bounds, in seconds, of every histogram:
+// from a cached small answer to a long stream.
+var durationBuckets = [...]float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300}
+
+// histogram is a Prometheus histogram of durations, lock-free.
+type histogram struct {
+	counts [len(durationBuckets) + 1]atomic.Int64 // per bucket, not cumulative; the last is +Inf
+	sumNS  atomic.Int64
+}
+
+func (h *histogram) observe(d time.Duration) {
+	s, i := d.Seconds(), 0
+	for i < len(durationBuckets) && s > durationBuckets[i] {
+		i++
+	}
+	h.counts[i].Add(1)
+	h.sumNS.Add(int64(d))
+}
+
+// write writes the histogram's series; labels is empty or `k="v",`.
+func (h *histogram) write(w io.Writer, name, labels string) {
+	var total int64
+	for i := range h.counts {
+		total += h.counts[i].Load()
+		le := "+Inf"
+		if i < len(durationBuckets) {
+			le = strconv.FormatFloat(durationBuckets[i], 'g', -1, 64)
+		}
+		fmt.Fprintf(w, "%s_bucket{%sle=\"%s\"} %d\n", name, labels, le, total)
+	}
+	if labels != "" {
+		labels = "{" + strings.TrimSuffix(labels, ",") + "}"
+	}
+	fmt.Fprintf(w, "%s_sum%s %g\n%s_count%s %d\n", name, labels, float64(h.sumNS.Load())/1e9, name, labels, total)
+}
+
+// requestMetrics counts answered requests. Counters are atomics indexed by
+// route kind and status: recording takes no lock and allocates nothing.
+type requestMetrics struct {
+	requests   [numRouteKinds][maxStatus]atomic.Int64
+	headerTime [numRouteKinds]histogram // until the response headers
+	streamTime [numRouteKinds]histogram // until the end of the body
+}
+
+func (m *requestMetrics) observe(kind routeKind, status int, ttfb, total time.Duration) {
+	if status >= 0 && status < maxStatus {
+		m.requests[kind][status].Add(1)
+	}
+	m.headerTime[kind].observe(ttfb)
+	m.streamTime[kind].observe(total)
+}
+
+// label quotes a label value as the exposition format wants.
+func label(v string) string {
+	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`).Replace(v) + `"`
+}
+
+func help(w io.Writer, name, kind, text string) {
+	fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n", name, text, name, kind)
+}
+
+// serveMetrics answers GET /metrics in the Prometheus text format 0.0.4.
+// Labels carry route kinds, status codes and node hosts, never a key.
+func (p *proxy) serveMetrics(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		p.fail(w, r, &forward{}, errMethod)
+		return
+	}
+	var b bytes.Buffer
+	p.writeMetrics(&b)
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+	w.Write(b.Bytes())
+}
+
+func (p *proxy) writeMetrics(w io.Writer) {
+	m := &p.metrics
+	help(w, "c3proxy_requests_total", "counter", "Requests answered, by route kind and status code (499: the client left first).")
+	for kind := range numRouteKinds {
+		for code := range maxStatus {
+			if n := m.requests[kind][code].Load(); n > 0 {
+				fmt.Fprintf(w, "c3proxy_requests_total{route=%s,code=\"%d\"} %d\n", label(kind.String()), code, n)
+			}
+		}
+	}
+	help(w, "c3proxy_request_duration_seconds", "histogram", "Time from the request to the response headers, by route kind.")
+	for kind := range numRouteKinds {
+		m.headerTime[kind].write(w, "c3proxy_request_duration_seconds", "route="+label(kind.String())+",")
+	}
+	help(w, "c3proxy_stream_duration_seconds", "histogram", "Time from the request to the end of the response body, by route kind.")
+	for kind := range numRouteKinds {
+		m.streamTime[kind].write(w, "c3proxy_stream_duration_seconds", "route="+label(kind.String())+",")
+	}
+
+	nodes := p.bal.nodes()
+	now := time.Now().UnixNano()
+	help(w, "c3proxy_node_in_flight", "gauge", "Requests forwarded to the node and not finished.")
+	for _, n := range nodes {
+		fmt.Fprintf(w, "c3proxy_node_in_flight{node=%s} %d\n", label(n.host), n.inFlight.Load())
+	}
+	help(w, "c3proxy_node_cooling", "gauge", "1 while tag routing skips the node after repeated failures.")
+	for _, n := range nodes {
+		cooling := 0
+		if n.cooling(now) {
+			cooling = 1
+		}
+		fmt.Fprintf(w, "c3proxy_node_cooling{node=%s} %d\n", label(n.host), cooling)
+	}
+	help(w, "c3proxy_node_requests_total", "counter", "Responses of the node, by status code.")
+	for _, n := range nodes {
+		for code := range maxStatus {
+			if c := n.answered[code].Load(); c > 0 {
+				fmt.Fprintf(w, "c3proxy_node_requests_total{node=%s,code=\"%d\"} %d\n", label(n.host), code, c)
+			}
+		}
+	}
+	help(w, "c3proxy_node_failures_total", "counter", "Failures of the node: before its response (connect, dns, tls, reset, timeout, other) or during its body (mid_stream).")
+	for _, n := range nodes {
+		for reason := range numFailReasons {
+			fmt.Fprintf(w, "c3proxy_node_failures_total{node=%s,reason=\"%s\"} %d\n", label(n.host), failReasonNames[reason], n.failed[reason].Load())
+		}
+	}
+
+	c := p.cache
+	help(w, "c3proxy_api_fetches_total", "counter", "Workloads fetches from the Comput3 API, by result.")
+	for result := range numFetchResults {
+		fmt.Fprintf(w, "c3proxy_api_fetches_total{result=\"%s\"} %d\n", fetchResultNames[result], c.fetches[result].Load())
+	}
+	help(w, "c3proxy_api_fetch_duration_seconds", "histogram", "Duration of workloads fetches from the Comput3 API.")
+	c.fetchSeconds.write(w, "c3proxy_api_fetch_duration_seconds", "")
+	help(w, "c3proxy_cached_keys", "gauge", "API keys cached.")
+	fmt.Fprintf(w, "c3proxy_cached_keys %d\n", c.size())
+	help(w, "c3proxy_routable_nodes", "gauge", "Distinct routable nodes over every cached key.")
+	fmt.Fprintf(w, "c3proxy_routable_nodes %d\n", len(c.nodeHosts()))
+
+	help(w, "go_goroutines", "gauge", "Number of goroutines that currently exist.")
+	fmt.Fprintf(w, "go_goroutines %d\n", runtime.NumGoroutine())
+	if statm, err := os.ReadFile("/proc/self/statm"); err == nil {
+		if f := strings.Fields(string(statm)); len(f) > 1 {
+			if pages, err := strconv.ParseInt(f[1], 10, 64); err == nil {
+				help(w, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
+				fmt.Fprintf(w, "process_resident_memory_bytes %d\n", pages*int64(os.Getpagesize()))
+			}
+		}
+	}
+}

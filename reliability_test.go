@@ -261,7 +261,7 @@ func TestHealthCooldownDoubles(t *testing.T) {
 	var got []time.Duration
 	var wentDown []bool
 	for range 9 {
-		cd, down := b.failed(n, now)
+		cd, down := b.failed(n, now, failReset)
 		got = append(got, cd)
 		wentDown = append(wentDown, down)
 	}
@@ -280,7 +280,7 @@ func TestHealthCooldownDoubles(t *testing.T) {
 	if !b.succeeded(n) || b.succeeded(n) || n.failures.Load() != 0 {
 		t.Errorf("one success must clear the failures once")
 	}
-	if _, down := b.failed(n, now); down {
+	if _, down := b.failed(n, now, failReset); down {
 		t.Errorf("the first failure after a success took the node down")
 	}
 }
