@@ -2,6 +2,7 @@ package main
 
 import (
 	"debug/elf"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -134,5 +135,39 @@ func TestStaticBuildRunsUnprivileged(t *testing.T) {
 		if err != nil || !regexp.MustCompile(`(?m)^Uid:\s+10001\s`).Match(status) {
 			t.Errorf("the process does not run as uid 10001: %v", err)
 		}
+	}
+}
+
+// TestReadmeMatchesTheProgram keeps the README honest: every metric the
+// proxy writes and every variable it reads is documented, and the example
+// Kubernetes grace period outlasts the default shutdown timeout.
+func TestReadmeMatchesTheProgram(t *testing.T) {
+	b, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme := string(b)
+	cfg, _ := loadConfig(env(nil))
+	p := newProxy(newCache(cfg.apiURL, nil, cfg, newLogger(io.Discard, cfg)), newBalancer(), nil, cfg, newLogger(io.Discard, cfg))
+	p.bal.acquire("n:1") // so that the node series are written
+	var metrics strings.Builder
+	p.writeMetrics(&metrics)
+	for _, m := range regexp.MustCompile(`(?m)^# TYPE (\S+)`).FindAllStringSubmatch(metrics.String(), -1) {
+		if !strings.Contains(readme, "`"+m[1]+"`") {
+			t.Errorf("README does not document the metric %s", m[1])
+		}
+	}
+	for _, v := range []string{"API_URL", "PORT", "LOG_LEVEL", "LOG_FORMAT", "REFRESH_INTERVAL", "IDLE_TIMEOUT",
+		"NODE_SCHEME", "SHUTDOWN_TIMEOUT", "RETRIES", "API_TIMEOUT", "API_CONCURRENCY", "MAX_KEYS", "ACCESS_LOG"} {
+		if !strings.Contains(readme, "| `"+v+"` |") {
+			t.Errorf("README's configuration table lacks %s", v)
+		}
+	}
+	grace := regexp.MustCompile(`terminationGracePeriodSeconds: (\d+)`).FindStringSubmatch(readme)
+	if grace == nil {
+		t.Fatal("README has no Kubernetes terminationGracePeriodSeconds")
+	}
+	if secs, _ := strconv.Atoi(grace[1]); time.Duration(secs)*time.Second <= defaultShutdownTimeout {
+		t.Errorf("terminationGracePeriodSeconds %s does not outlast SHUTDOWN_TIMEOUT %v", grace[1], defaultShutdownTimeout)
 	}
 }
