@@ -798,17 +798,7 @@ func TestAPIErrors(t *testing.T) {
 
 func TestBodiesThroughEveryPath(t *testing.T) {
 	api := newFakeAPI(t)
-	echo := func(name string) *fakeNode {
-		return newNode(t, name, false, func(w http.ResponseWriter, r *http.Request) {
-			body, err := io.ReadAll(r.Body) // HTTP/1: read all before answering
-			if err != nil {
-				t.Errorf("node %s: reading the body: %v", name, err)
-			}
-			w.Header().Set("X-Node", name)
-			w.Write(body)
-		})
-	}
-	a, b := echo("a"), echo("b")
+	a, b := echoNode(t, "a"), echoNode(t, "b")
 	const key = "key-bodies-0001"
 	api.set(key, wl("wa", a.host, 1, "t"), wl("wb", b.host, 2, "t"))
 	h := startProxy(t, api)

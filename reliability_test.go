@@ -26,7 +26,8 @@ import (
 	"time"
 )
 
-// echoNode answers with its name in X-Node and echoes the request body.
+// echoNode answers with its name in X-Node and echoes the request body,
+// read whole first (HTTP/1 handlers cannot answer while still reading).
 func echoNode(t *testing.T, name string) *fakeNode {
 	return newNode(t, name, false, func(w http.ResponseWriter, r *http.Request) {
 		body, err := io.ReadAll(r.Body)
