@@ -171,6 +171,10 @@ func newLogger(w io.Writer, cfg config) *slog.Logger {
 func newNodeTransport() *http.Transport {
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.Proxy = nil // nodes are reached directly, whatever HTTP_PROXY says
+	// The client's Accept-Encoding goes to the node as it is, and a
+	// compressed answer comes back untouched: no gzip asked on the client's
+	// behalf, none undone here.
+	t.DisableCompression = true
 	t.MaxIdleConns = 1024
 	t.MaxIdleConnsPerHost = 256
 	t.IdleConnTimeout = 90 * time.Second

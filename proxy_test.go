@@ -303,6 +303,50 @@ func TestResponsePassesBack(t *testing.T) {
 	}
 }
 
+// TestCompressionIsTheClients checks that the proxy neither asks a node for
+// gzip on its own nor decompresses what the client asked compressed.
+func TestCompressionIsTheClients(t *testing.T) {
+	api := newFakeAPI(t)
+	node := newNode(t, "n", false, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Seen-Accept-Encoding", r.Header.Get("Accept-Encoding"))
+		if r.Header.Get("Accept-Encoding") == "gzip" {
+			w.Header().Set("Content-Encoding", "gzip")
+			io.WriteString(w, "\x1f\x8bpretend-gzip")
+			return
+		}
+		io.WriteString(w, "plain")
+	})
+	const key = "key-encoding-01"
+	api.set(key, wl("w1", node.host, 1))
+	h := startProxy(t, api)
+	// A raw client: net/http's would add Accept-Encoding itself.
+	conn, err := net.Dial("tcp", strings.TrimPrefix(h.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	br := bufio.NewReader(conn)
+	for _, tc := range []struct{ sent, body string }{{"", "plain"}, {"gzip", "\x1f\x8bpretend-gzip"}} {
+		req := "GET /0/x HTTP/1.1\r\nHost: p\r\nX-C3-API-KEY: " + key + "\r\n"
+		if tc.sent != "" {
+			req += "Accept-Encoding: " + tc.sent + "\r\n"
+		}
+		io.WriteString(conn, req+"\r\n")
+		res, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if got := res.Header.Get("X-Seen-Accept-Encoding"); got != tc.sent {
+			t.Errorf("client sent Accept-Encoding %q, node got %q", tc.sent, got)
+		}
+		if string(body) != tc.body {
+			t.Errorf("Accept-Encoding %q: body %q, want %q", tc.sent, body, tc.body)
+		}
+	}
+}
+
 func TestNodeForms(t *testing.T) {
 	api := newFakeAPI(t)
 	plain := newNode(t, "plain", false, nil)
