@@ -86,7 +86,11 @@ func TestSoak(t *testing.T) {
 		c.logLevel = 100 // quiet: the log would hold every request
 		c.refreshInterval = 200 * time.Millisecond
 	}))
+	// Requests that hang up early get a client of their own: in one shared
+	// pool, net/http can hand a dial cancelled for one request to another,
+	// which then fails with "context canceled" it never asked for.
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	leaver := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	for _, key := range keys { // warm: every key cached, then the baseline
 		h.get(t, "/workloads", key, 200)
 	}
@@ -135,7 +139,11 @@ func TestSoak(t *testing.T) {
 				}
 				req, _ := http.NewRequestWithContext(ctx, method, h.url+path, bytes.NewReader(body))
 				req.Header.Set("X-C3-API-KEY", key)
-				res, err := client.Do(req)
+				c := client
+				if cancelEarly {
+					c = leaver
+				}
+				res, err := c.Do(req)
 				if err != nil {
 					cancel()
 					if cancelEarly {
@@ -190,6 +198,7 @@ func TestSoak(t *testing.T) {
 	elapsed := time.Since(start)
 
 	client.CloseIdleConnections()
+	leaver.CloseIdleConnections()
 	h.client.CloseIdleConnections()
 	h.waitIdle(t, nodes...)
 	h.p.nodes.(*http.Transport).CloseIdleConnections()
