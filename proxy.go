@@ -441,6 +441,13 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, e *entry, snap *
 		p.fail(w, r, fw, err)
 		return
 	}
+	if r.ContentLength != 0 {
+		// A node may answer before it has read the whole upload. Without
+		// this the server would then discard and close the rest of the
+		// body while the transport still forwards it, and the transport
+		// would tear down the node's connection under the response.
+		http.NewResponseController(w).EnableFullDuplex() //nolint:errcheck // HTTP/2 is full duplex already
+	}
 	defer p.finish(fw)
 	defer func() {
 		// ReverseProxy panics with ErrAbortHandler to abort a broken stream;
@@ -558,8 +565,8 @@ func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { retu
 func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 	fw := req.Context().Value(forwardKey{}).(*forward)
 	var body *attemptBody
-	if req.Body != nil && fw.set != nil && p.retries > 0 {
-		body = &attemptBody{mu: new(sync.Mutex), src: req.Body}
+	if req.Body != nil {
+		body = &attemptBody{mu: new(sync.Mutex), src: req.Body, left: req.ContentLength}
 		req.Body = body
 	}
 	for attempt := 0; ; attempt++ {
@@ -601,26 +608,43 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 // that was given up gets instead of bytes.
 var errAttemptOver = errors.New("request body: attempt abandoned for another node")
 
-// attemptBody is the request body as one attempt sees it. The transport may
-// go on reading a body after RoundTrip returned (golang/go#40747), so every
-// attempt gets its own view: the one given up is cut off, and reads of the
-// shared source are serialised, so no byte can go to an abandoned attempt
-// after the next one started. Wrappers are never reused.
+// attemptBody is the request body as one attempt sees it (golang/go#40747).
+//
+// The transport reads a body on its own goroutine, and may still read after
+// RoundTrip returned: with a Content-Length it reads once more after the
+// last byte to check for EOF. By then the node may have answered, the
+// server may have closed the inbound body, and that read's error would make
+// the transport close the node's connection under the response being
+// copied. So the wrapper answers EOF itself once Content-Length bytes went
+// through, never touching the inbound body again.
+//
+// For failover every attempt gets its own view: the one given up is cut
+// off, and reads of the shared source are serialised, so no byte can go to
+// an abandoned attempt after the next one started. Wrappers are never reused.
 type attemptBody struct {
-	mu   *sync.Mutex // shared by every attempt of one request; guards src and read
+	mu   *sync.Mutex // shared by every attempt of one request; guards src, read and left
 	src  io.Reader
 	read int64 // bytes this attempt consumed
+	left int64 // bytes of the body not yet read; -1 when the length is unknown
 	dead bool  // abandoned: reads fail
 }
 
 func (b *attemptBody) Read(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.dead {
+	switch {
+	case b.dead:
 		return 0, errAttemptOver
+	case b.left == 0:
+		return 0, io.EOF
+	case b.left > 0 && int64(len(p)) > b.left:
+		p = p[:b.left]
 	}
 	n, err := b.src.Read(p)
 	b.read += int64(n)
+	if b.left > 0 {
+		b.left -= int64(n)
+	}
 	return n, err
 }
 
@@ -646,8 +670,9 @@ func (b *attemptBody) abandon() bool {
 	return true
 }
 
-// next is the body of the following attempt.
-func (b *attemptBody) next() *attemptBody { return &attemptBody{mu: b.mu, src: b.src} }
+// next is the body of the following attempt; it starts where the abandoned
+// one stopped, which abandon only allows before any byte was read.
+func (b *attemptBody) next() *attemptBody { return &attemptBody{mu: b.mu, src: b.src, left: b.left} }
 
 // durationBuckets are the upper bounds, in seconds, of every histogram:
 // from a cached small answer to a long stream.

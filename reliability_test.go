@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"fmt"
 	"io"
 	"math/big"
@@ -725,4 +726,68 @@ func TestNodeDiesMidStreamAffectsNoOther(t *testing.T) {
 		t.Fatalf("the other stream: %q, %v", rest, err)
 	}
 	h.waitIdle(t, dying, steady)
+}
+
+// pastTheEnd fails any read: a body read after its last byte reaches it.
+type pastTheEnd struct{}
+
+func (pastTheEnd) Read([]byte) (int, error) { return 0, errors.New("read past Content-Length") }
+
+// TestBodyEndsAtItsLength checks the golang/go#40747 guard: once
+// Content-Length bytes went through, the transport's EOF check is answered
+// without reading the inbound body, which the server may have closed.
+func TestBodyEndsAtItsLength(t *testing.T) {
+	b := &attemptBody{mu: new(sync.Mutex), src: io.MultiReader(strings.NewReader("0123456789"), pastTheEnd{}), left: 10}
+	got, err := io.ReadAll(b)
+	if err != nil || string(got) != "0123456789" {
+		t.Fatalf("got %q, %v; want the 10 bytes and a clean EOF", got, err)
+	}
+	if n, err := b.Read(make([]byte, 8)); n != 0 || err != io.EOF {
+		t.Fatalf("another read: %d, %v; want 0, EOF", n, err)
+	}
+	// Unknown length (chunked): read to the source's own end.
+	b = &attemptBody{mu: new(sync.Mutex), src: strings.NewReader("abc"), left: -1}
+	if got, err := io.ReadAll(b); err != nil || string(got) != "abc" {
+		t.Fatalf("chunked: got %q, %v", got, err)
+	}
+}
+
+// TestNodeAnswersBeforeTheUploadEnds: a node answers after the first KiB
+// of an upload, and the client sends the rest only once it has the answer's
+// headers (a full-duplex client). The whole answer must arrive, on every route.
+func TestNodeAnswersBeforeTheUploadEnds(t *testing.T) {
+	api := newFakeAPI(t)
+	answer := strings.Repeat("r", 256<<10)
+	node := newNode(t, "n", false, func(w http.ResponseWriter, r *http.Request) {
+		io.ReadFull(r.Body, make([]byte, 1024))
+		http.NewResponseController(w).EnableFullDuplex()
+		w.Header().Set("Content-Length", strconv.Itoa(len(answer)))
+		io.WriteString(w, answer)
+		io.Copy(io.Discard, r.Body)
+	})
+	const key = "key-earlyanswer"
+	api.set(key, wl("w1", node.host, 1, "t"))
+	h := startProxy(t, api)
+
+	for _, path := range []string{"/tags/t/upload", "/0/upload"} {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(h.url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		const size = 100 << 10
+		fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: p\r\nX-C3-API-KEY: %s\r\nContent-Length: %d\r\n\r\n", path, key, size)
+		conn.Write(make([]byte, size/2))
+		br := bufio.NewReader(conn)
+		var res *http.Response
+		if err := within(10*time.Second, func() (err error) { res, err = http.ReadResponse(br, nil); return err }); err != nil {
+			t.Fatalf("%s: no answer before the upload ended: %v", path, err)
+		}
+		conn.Write(make([]byte, size-size/2))
+		got, err := io.ReadAll(res.Body)
+		if res.StatusCode != 200 || err != nil || len(got) != len(answer) {
+			t.Fatalf("%s: status %d, %d of %d bytes, %v", path, res.StatusCode, len(got), len(answer), err)
+		}
+	}
+	h.waitIdle(t, node)
 }
