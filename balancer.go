@@ -191,14 +191,6 @@ func (b *balancer) succeeded(n *nodeLoad) bool {
 	return n.downUntil.Swap(0) != 0
 }
 
-// inFlight reports the requests in flight on host (0 for an unknown host).
-func (b *balancer) inFlight(host string) int64 {
-	if n := (*b.loads.Load())[host]; n != nil {
-		return n.inFlight.Load()
-	}
-	return 0
-}
-
 // nodes returns the state of every node known, sorted by host.
 func (b *balancer) nodes() []*nodeLoad {
 	loads := slices.Collect(maps.Values(*b.loads.Load()))

@@ -196,10 +196,10 @@ func (s *snapshot) withTag(tag string) *nodeSet {
 
 // fingerprint returns the first 8 hex digits of the key's SHA-256.
 // Logs and errors use it so that a key can never appear in either.
-func fingerprint(key string) string {
-	sum := sha256.Sum256([]byte(key))
-	return hex.EncodeToString(sum[:4])
-}
+func fingerprint(key string) string { return sumFingerprint(sha256.Sum256([]byte(key))) }
+
+// sumFingerprint is fingerprint for a key already hashed.
+func sumFingerprint(sum [sha256.Size]byte) string { return hex.EncodeToString(sum[:4]) }
 
 // fetchResult is how a workloads fetch ended, for the metrics.
 type fetchResult uint8
@@ -342,7 +342,7 @@ func (c *cache) add(key string, now time.Time) (*entry, error) {
 			return nil, errTooManyKeys
 		}
 	}
-	e := &entry{key: key, sum: sum, fp: hex.EncodeToString(sum[:4])}
+	e := &entry{key: key, sum: sum, fp: sumFingerprint(sum)}
 	c.entries[key] = e
 	c.mu.Unlock()
 	if evicted != nil {
@@ -459,7 +459,7 @@ func (c *cache) startFetchLocked(e *entry, now time.Time, haveSlot bool) *fetchC
 		ctx, cancel := context.WithTimeout(context.Background(), c.fetchTimeout)
 		defer cancel()
 		start := time.Now()
-		snap, err := c.fetchWorkloads(ctx, e.key)
+		snap, err := c.fetchWorkloads(ctx, e)
 		c.fetchSeconds.observe(time.Since(start))
 		switch {
 		case err == nil:
@@ -513,13 +513,13 @@ func (c *cache) drop(e *entry) {
 	c.mu.Unlock()
 }
 
-// fetchWorkloads asks the Comput3 API for the running workloads of key.
-func (c *cache) fetchWorkloads(ctx context.Context, key string) (*snapshot, error) {
+// fetchWorkloads asks the Comput3 API for the running workloads of e's key.
+func (c *cache) fetchWorkloads(ctx context.Context, e *entry) (*snapshot, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.workloadsURL, strings.NewReader(`{"running": true}`))
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errAPIUnavailable, err)
 	}
-	req.Header.Set("X-C3-API-KEY", key)
+	req.Header.Set("X-C3-API-KEY", e.key)
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/json")
 	res, err := c.client.Do(req)
@@ -546,7 +546,7 @@ func (c *cache) fetchWorkloads(ctx context.Context, key string) (*snapshot, erro
 	}
 	snap, bad := newSnapshot(raws, parsed, c.nodeScheme, time.Now())
 	for _, err := range bad {
-		c.log.Warn("workload not routable", "key", fingerprint(key), "err", err)
+		c.log.Warn("workload not routable", "key", e.fp, "err", err)
 	}
 	return snap, nil
 }

@@ -368,11 +368,7 @@ func (h *harness) waitIdle(t *testing.T, nodes ...*fakeNode) {
 	})
 }
 
-func (h *harness) cachedKeys() int {
-	h.p.cache.mu.RLock()
-	defer h.p.cache.mu.RUnlock()
-	return len(h.p.cache.entries)
-}
+func (h *harness) cachedKeys() int { return h.p.cache.size() }
 
 var errTimeout = errors.New("timed out")
 
@@ -386,4 +382,12 @@ func within(d time.Duration, f func() error) error {
 	case <-time.After(d):
 		return errTimeout
 	}
+}
+
+// inFlight reports the requests in flight on host (0 for an unknown host).
+func (b *balancer) inFlight(host string) int64 {
+	if n := (*b.loads.Load())[host]; n != nil {
+		return n.inFlight.Load()
+	}
+	return 0
 }
